@@ -1,6 +1,6 @@
 """Image classification: any timm model on Fashion-MNIST, CIFAR-10, an ImageFolder or synthetic data.
 
-    accelerate launch --config_file accelerate_configs/cpu_2proc.yaml recipes/image_classification.py
+    accelerate launch --config_file accelerate_configs/cpu_ddp.yaml recipes/image_classification.py
     accelerate launch --config_file accelerate_configs/zero2.yaml recipes/image_classification.py \\
         -c recipes/configs/imagenet_resnet50.yaml --data-dir /data/imagenet
 
@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `shared` from a plain clone
 
 import torch  # noqa: E402
-from accelerate.utils import set_seed  # noqa: E402
+from accelerate.utils import gather_object, set_seed  # noqa: E402
 from timm.data import Mixup  # noqa: E402
 from timm.loss import SoftTargetCrossEntropy  # noqa: E402
 from timm.optim import create_optimizer_v2  # noqa: E402
@@ -32,7 +32,11 @@ from shared import checkpoint, doctor, engine, tracking  # noqa: E402
 from shared.config import ConfigError, option, parse_config, save_yaml, to_dict  # noqa: E402
 from shared.data import DATASETS, build_data, class_weights  # noqa: E402
 from shared.models import create_model  # noqa: E402
-from shared.runtime import EXIT_RESUMABLE, StopSignal, create_accelerator, fill_deepspeed_auto, zero_stage  # noqa: E402
+
+# Written to output_dir when the run checkpointed and stopped before its end (signal or
+# --stop-after-steps); removed when it completes. A requeue script resubmits while it exists.
+STOPPED = "stopped.json"
+from shared.runtime import StopSignal, create_accelerator, fill_deepspeed_auto, zero_stage  # noqa: E402
 
 
 @dataclass
@@ -80,10 +84,11 @@ class Config:
     resume: str = option("auto", "auto (latest checkpoint in output_dir, if any), none, or a checkpoint folder", "run")
     checkpoint_every_steps: int = option(0, "also checkpoint every N optimizer steps (0 = at epoch ends only)", "run")
     keep_checkpoints: int = option(2, "checkpoints kept on disk (older ones are deleted)", "run")
-    stop_after_steps: int = option(0, "checkpoint and exit with code 75 after N optimizer steps, as a preemption would (0 = off)", "run")
+    stop_after_steps: int = option(0, "checkpoint and stop after N optimizer steps, as a preemption would (0 = off)", "run")
     tracker: str = option("wandb", "experiment tracker; W&B runs offline without credentials", "run", choices=("wandb", "none"))
     project: str = option("vision-recipes", "W&B project", "run")
     run_name: str | None = option(None, "W&B run name (default: the output folder's name)", "run")
+    trace_samples: bool = option(False, "write the data set indices each rank trains on to output_dir/trace/rank<k>.txt", "run")
     log_every: int = option(20, "optimizer steps between progress-bar updates and NaN checks", "run")
     loss_scale_warning: float = option(1.0, "fp16: warn when the loss scale falls below this", "run")
 
@@ -96,6 +101,8 @@ class Config:
             raise ConfigError(f"imbalance must be in (0, 1], got {self.imbalance}")
         if len(self.synthetic_shape) != 2:
             raise ConfigError(f"synthetic_shape is 'channels size', got {self.synthetic_shape}")
+        if self.eval_batch_size is not None and self.eval_batch_size < 1:
+            raise ConfigError(f"eval_batch_size must be at least 1 (or null for batch_size), got {self.eval_batch_size}")
         if self.class_weights != "none" and (self.mixup or self.cutmix):
             raise ConfigError("class_weights cannot be combined with mixup/cutmix (soft targets have no class weights)")
 
@@ -114,7 +121,7 @@ def main(cfg: Config) -> dict:
     model = create_model(cfg.model, data.num_classes, data.in_chans, cfg.pretrained, cfg.drop_rate)
     set_seed(cfg.seed, device_specific=True)
     optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
-    updates_per_epoch = math.ceil(len(data.train) / cfg.grad_accum_steps)
+    updates_per_epoch = len(data.train) // cfg.grad_accum_steps
     scheduler, _ = create_scheduler_v2(
         optimizer, sched=cfg.sched, num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs, min_lr=cfg.min_lr,
         step_on_epochs=False, updates_per_epoch=updates_per_epoch,
@@ -134,6 +141,9 @@ def main(cfg: Config) -> dict:
     engine.cast_buffers_to_input_dtype(accelerator, model)
 
     progress = engine.Progress()
+    if cfg.resume == "none" and checkpoint.list_checkpoints(run_dir):
+        raise ConfigError(f"--resume none, but {run_dir} holds checkpoints of an earlier run: use --resume auto "
+                          "to continue it, or another --output-dir")
     resume_from = checkpoint.resolve_resume(cfg.resume, run_dir)
     if resume_from:
         checkpoint.load_checkpoint(accelerator, resume_from, progress)
@@ -144,6 +154,10 @@ def main(cfg: Config) -> dict:
         save_yaml(cfg, run_dir / "config.yaml")
     tracking.start_tracking(accelerator, cfg, run_dir, {**to_dict(cfg), **run_info})
     stop = StopSignal(accelerator)
+    trace = None
+    if cfg.trace_samples:
+        (run_dir / "trace").mkdir(exist_ok=True)
+        trace = open(run_dir / "trace" / f"rank{accelerator.process_index}.txt", "a", buffering=1)
 
     accelerator.print(f"{cfg.model}: {sum(p.numel() for p in model.parameters()):,} parameters; {data.num_train:,} "
                       f"training samples on {accelerator.num_processes} process(es), {run_info['distributed_type']}, "
@@ -156,7 +170,8 @@ def main(cfg: Config) -> dict:
                    disable=not accelerator.is_local_main_process, leave=False, mininterval=1.0)
         stats = engine.EpochStats()
         for stats in engine.train_one_epoch(model, data.train, optimizer, scheduler, criterion, accelerator, progress,
-                                            mixup=mixup, clip_grad=cfg.clip_grad, check_every=cfg.log_every, stats=stats):
+                                            mixup=mixup, clip_grad=cfg.clip_grad, check_every=cfg.log_every, stats=stats,
+                                            trace=trace):
             bar.n = progress.batch
             if progress.global_step % cfg.log_every == 0 and stats.batches:
                 bar.set_postfix(loss=f"{stats.loss:.4f}", refresh=False)
@@ -169,37 +184,45 @@ def main(cfg: Config) -> dict:
             if stopping:
                 bar.close()
                 reason = stop.received or f"--stop-after-steps {cfg.stop_after_steps}"
+                if accelerator.is_main_process:  # the marker a requeue script looks for
+                    stopped = {"reason": reason, "global_step": progress.global_step, "checkpoint": str(last_ckpt)}
+                    (run_dir / STOPPED).write_text(json.dumps({**stopped, **progress.state_dict()}) + "\n")
                 accelerator.print(f"stopping on {reason}: checkpoint {last_ckpt} saved at step {progress.global_step}; "
                                   f"run again with --resume auto to continue")
                 accelerator.end_training()
-                return {"stopped_at_step": progress.global_step, "exit_code": EXIT_RESUMABLE}
+                return {"stopped": reason, "global_step": progress.global_step}
         bar.close()
         train_images += stats.images * accelerator.num_processes
         train_seconds += stats.seconds
         train_loss = stats.loss
-        metrics = engine.evaluate(model, data.test, accelerator)
+        metrics = engine.evaluate(model, data.test, accelerator, data.num_classes)
         lr = optimizer.param_groups[0]["lr"]
         epoch_ips = stats.images * accelerator.num_processes / max(stats.seconds, 1e-9)
         accelerator.print(f"epoch {progress.epoch + 1}/{cfg.epochs}  train_loss {train_loss:.4f}  "
                           f"test_acc {metrics['test_acc']:.4f}  test_acc5 {metrics['test_acc5']:.4f}  "
                           f"lr {lr:.4g}  {epoch_ips:,.0f} img/s  {stats.seconds:.1f}s")
-        accelerator.log({"train/loss": train_loss, "train/lr": lr, "train/images_per_sec": epoch_ips,
-                         **{f"test/{k}": v for k, v in metrics.items()}, "epoch": progress.epoch + 1},
-                        step=progress.global_step)
+        record = {"epoch": progress.epoch + 1, "step": progress.global_step, "train_loss": train_loss, "lr": lr,
+                  "images_per_sec": epoch_ips, **{k: v for k, v in metrics.items() if k != "test_acc_per_class"}}
+        accelerator.log(record, step=progress.global_step)
+        if accelerator.is_main_process:
+            with open(run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
         progress.epoch, progress.batch, progress.samples = progress.epoch + 1, 0, 0
         last_ckpt = checkpoint.save_checkpoint(accelerator, run_dir, progress, cfg.keep_checkpoints)
 
     if not metrics:  # resumed a run that had already finished
-        metrics = engine.evaluate(model, data.test, accelerator)
+        metrics = engine.evaluate(model, data.test, accelerator, data.num_classes)
     checkpoint.export_model(accelerator, model, run_dir / "model.safetensors", last_ckpt)
+    per_rank = gather_object([engine.held_elements(model, optimizer)])
     summary = {
-        **{k: metrics[k] for k in ("test_acc", "test_acc5", "test_loss")}, "train_loss": train_loss,
-        "epochs": progress.epoch, "global_step": progress.global_step,
+        **metrics, "train_loss": train_loss, "epochs": progress.epoch, "global_step": progress.global_step,
+        "global_batch_size": cfg.batch_size * cfg.grad_accum_steps * accelerator.num_processes,
         "images_per_sec": train_images / train_seconds if train_seconds else math.nan,
-        **run_info, "wall_seconds": time.perf_counter() - wall_start,
+        **run_info, "held_elements_per_rank": per_rank, "wall_seconds": time.perf_counter() - wall_start,
     }
     if accelerator.is_main_process:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (run_dir / STOPPED).unlink(missing_ok=True)
         accelerator.print(f"done: test_acc {summary['test_acc']:.4f}; wrote {run_dir}/summary.json and model.safetensors")
     accelerator.end_training()
     return summary
@@ -215,11 +238,10 @@ def warn_on_loss_scale(accelerator, model, threshold: float, step: int) -> None:
 if __name__ == "__main__":
     config = parse_config(Config, description=__doc__)
     try:
-        result = main(config)
+        main(config)
     except (ConfigError, doctor.PreflightError, FileNotFoundError, engine.NonFiniteLossError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-    sys.exit(result.get("exit_code", 0))

@@ -60,7 +60,8 @@ def save_checkpoint(accelerator: Accelerator, run_dir: str | Path, progress, kee
         if final.exists():  # the same step saved again (e.g. a stop right after an epoch-end save)
             shutil.rmtree(final)
         tmp.rename(final)
-        for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+        others = [p for p in list_checkpoints(run_dir) if p != final]
+        for old in others[: max(0, len(others) - (keep - 1))] if keep > 0 else []:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final

@@ -75,7 +75,6 @@ def _optional(convert):
 def build_parser(cls: type, description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=description,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         allow_abbrev=False,
     )
     parser.add_argument(
@@ -92,9 +91,11 @@ def build_parser(cls: type, description: str) -> argparse.ArgumentParser:
         scalar = _scalar_type(tp)
         nullable = type(None) in typing.get_args(tp)
         convert = _parse_bool if scalar is bool else scalar
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        shown = " ".join(map(str, default)) if isinstance(default, list) else default
         kwargs: dict[str, Any] = {
             "dest": f.name,
-            "help": f.metadata.get("help", ""),
+            "help": f"{f.metadata.get('help', '')} (default: {shown})",
             "type": _optional(convert) if nullable else convert,
             "default": argparse.SUPPRESS,
         }
@@ -124,8 +125,11 @@ def _coerce(cls: type, name: str, value: Any, source: str) -> Any:
 
 
 def _coerce_scalar(scalar: Any, name: str, value: Any, source: str) -> Any:
-    if scalar is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+    if scalar is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+        try:  # PyYAML reads 1e-3 (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
     if scalar is bool and not isinstance(value, bool):
         raise ConfigError(f"{source}: key '{name}' must be true or false, got {value!r}")
     if not isinstance(value, scalar) or (scalar is int and isinstance(value, bool)):
@@ -148,6 +152,10 @@ def load_yaml(path: str | Path, cls: type) -> dict[str, Any]:
         if norm not in names:
             raise ConfigError(f"{path}: unknown key '{key}'{closest(norm, names)}")
         out[norm] = _coerce(cls, norm, value, str(path))
+        choices = next(f.metadata.get("choices") for f in dataclasses.fields(cls) if f.name == norm)
+        if choices and out[norm] not in choices:
+            raise ConfigError(f"{path}: {norm}: '{value}' is not one of {', '.join(map(str, choices))}"
+                              f"{closest(str(value), [str(c) for c in choices])}")
     return out
 
 
@@ -160,9 +168,9 @@ def parse_config(cls: type[T], argv: Sequence[str] | None = None, description: s
         flags = [a for a in parser._option_string_actions if a.startswith("--")]
         bad = next((u for u in unknown if u.startswith("-")), unknown[0])
         parser.error(f"unknown option '{bad}'{closest(bad.split('=')[0], flags)}")
-    values = load_yaml(args.config, cls) if args.config else {}
-    values.update({k: v for k, v in vars(args).items() if k != "config"})
     try:
+        values = load_yaml(args.config, cls) if args.config else {}
+        values.update({k: v for k, v in vars(args).items() if k != "config"})
         return cls(**values)
     except ConfigError as err:
         parser.error(str(err))

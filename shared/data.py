@@ -19,7 +19,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -44,7 +44,12 @@ class DataError(FileNotFoundError):
 
 def read_idx(path: Path) -> torch.Tensor:
     """Read one IDX file (optionally gzipped): the format of MNIST/Fashion-MNIST."""
-    raw = gzip.open(path, "rb").read() if path.suffix == ".gz" else path.read_bytes()
+    try:
+        raw = gzip.open(path, "rb").read() if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError) as err:
+        raise DataError(f"{path}: cannot read ({err}); the file is damaged, fetch it again") from err
+    if len(raw) < 4 or raw[:2] != b"\0\0":
+        raise DataError(f"{path}: not an IDX file")
     ndim = raw[3]
     shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
@@ -172,36 +177,43 @@ def class_weights(spec: str, labels: torch.Tensor, num_classes: int) -> torch.Te
 class ShardedBatchSampler:
     """This rank's batches of indices, with the global batch size of each.
 
-    Train mode: a (seed, epoch)-seeded permutation cut into global batches of
-    ``batch_size * world`` and each global batch split evenly over the ranks;
-    a final global batch with fewer samples than ranks is dropped (at most
-    world-1 samples). Eval mode: contiguous shards padded to equal length,
-    with a mask so the padding is never counted.
+    Train mode: a (seed, epoch)-seeded permutation is cut into optimizer-step
+    batches of ``batch_size * world * accum`` samples; each is split evenly
+    into ``world * accum`` micro-batches, micro-batch ``a * world + rank``
+    going to this rank at accumulation step ``a``. So every sample is seen
+    once per epoch, every rank runs the same number of micro-batches, and an
+    accumulation window never straddles two epochs. A final optimizer batch
+    with fewer samples than ``world * accum`` is dropped. Eval mode: contiguous
+    shards padded to equal length, with a mask so the padding is never counted.
     """
 
-    def __init__(self, n: int, batch_size: int, rank: int, world: int, *, train: bool, seed: int = 0):
-        self.n, self.batch_size, self.rank, self.world = n, batch_size, rank, world
+    def __init__(self, n: int, batch_size: int, rank: int, world: int, *, train: bool, seed: int = 0, accum: int = 1):
+        self.n, self.batch_size, self.rank, self.world, self.accum = n, batch_size, rank, world, accum
         self.train, self.seed, self.epoch = train, seed, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
+        """Micro-batches per epoch on this rank."""
         if self.train:
-            full, rest = divmod(self.n, self.batch_size * self.world)
-            return full + (rest >= self.world)
+            parts = self.world * self.accum
+            full, rest = divmod(self.n, self.batch_size * parts)
+            return (full + (rest >= parts)) * self.accum
         return math.ceil(math.ceil(self.n / self.world) / self.batch_size)
 
     def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
-        """Yield (indices, valid mask, global batch size) for this rank."""
+        """Yield (indices, valid mask, samples in this optimizer step over all ranks) for this rank."""
         if self.train:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
             order = torch.randperm(self.n, generator=g)
-            step = self.batch_size * self.world
-            for i in range(len(self)):
+            step = self.batch_size * self.world * self.accum
+            for i in range(len(self) // self.accum):
                 chunk = order[i * step:(i + 1) * step]
-                mine = torch.tensor_split(chunk, self.world)[self.rank]
-                yield mine, torch.ones(len(mine), dtype=torch.bool), len(chunk)
+                parts = torch.tensor_split(chunk, self.world * self.accum)
+                for a in range(self.accum):
+                    mine = parts[a * self.world + self.rank]
+                    yield mine, torch.ones(len(mine), dtype=torch.bool), len(chunk)
         else:
             shard = torch.tensor_split(torch.arange(self.n), self.world)[self.rank]
             length = math.ceil(self.n / self.world)
@@ -219,7 +231,8 @@ class Batch:
     images: torch.Tensor  # float, normalised, on the device
     labels: torch.Tensor
     valid: torch.Tensor  # False for eval padding
-    global_size: int  # samples in this step over all ranks
+    global_size: int  # samples in this optimizer step over all ranks and micro-batches
+    indices: torch.Tensor  # data set indices of this rank's samples (CPU)
 
 
 class TensorLoader:
@@ -236,7 +249,7 @@ class TensorLoader:
     def __len__(self) -> int:
         return len(self.sampler)
 
-    def __iter__(self, start: int = 0) -> Iterator[Batch]:
+    def __iter__(self) -> Iterator[Batch]:
         return self.iter_from(0)
 
     def iter_from(self, start: int) -> Iterator[Batch]:
@@ -250,7 +263,7 @@ class TensorLoader:
                 x = augment_batch(x, self.augment)
             if self.image_size and x.shape[-1] != self.image_size:
                 x = F.interpolate(x, size=self.image_size, mode="bilinear", align_corners=False)
-            yield Batch(x, self.labels[idx].to(self.device, non_blocking=True), valid.to(self.device), global_size)
+            yield Batch(x, self.labels[idx].to(self.device, non_blocking=True), valid.to(self.device), global_size, idx)
 
 
 def augment_batch(x: torch.Tensor, mode: str, pad: int = 4) -> torch.Tensor:
@@ -288,8 +301,9 @@ class FolderLoader:
             self.dataset, batch_sampler=[idx.tolist() for idx, _, _ in plan],
             num_workers=self.num_workers, pin_memory=self.device.type == "cuda",
         )
-        for (x, y), (_, valid, global_size) in zip(loader, plan):
-            yield Batch(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), valid.to(self.device), global_size)
+        for (x, y), (idx, valid, global_size) in zip(loader, plan):
+            yield Batch(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), valid.to(self.device),
+                        global_size, idx)
 
 
 @dataclass
@@ -300,6 +314,12 @@ class DataBundle:
     in_chans: int
     train_labels: torch.Tensor
     num_train: int
+
+
+def _subset(indices: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """A seeded random subset of ``n`` indices, in order (all classes, not the first ones)."""
+    pick = torch.randperm(len(indices), generator=torch.Generator().manual_seed(seed))[:n]
+    return indices[pick].sort().values
 
 
 def build_data(cfg, rank: int, world: int, device: torch.device) -> DataBundle:
@@ -315,7 +335,7 @@ def build_data(cfg, rank: int, world: int, device: torch.device) -> DataBundle:
         xtr, ytr, xte, yte = synthetic(cfg.synthetic_train_size, cfg.synthetic_test_size, cfg.num_classes or 10, c, s, cfg.seed)
     keep = imbalance_indices(ytr, cfg.imbalance, cfg.seed)
     if cfg.train_subset:
-        keep = keep[torch.randperm(len(keep), generator=torch.Generator().manual_seed(cfg.seed))[: cfg.train_subset]].sort().values
+        keep = _subset(keep, cfg.train_subset, cfg.seed)
     xtr, ytr = xtr[keep], ytr[keep]
     if cfg.test_subset:
         xte, yte = xte[: cfg.test_subset], yte[: cfg.test_subset]
@@ -323,7 +343,8 @@ def build_data(cfg, rank: int, world: int, device: torch.device) -> DataBundle:
     if len(mean) != xtr.shape[1]:
         mean, std = mean[:1] * xtr.shape[1], std[:1] * xtr.shape[1]
     make = lambda x, y, bs, train: TensorLoader(  # noqa: E731
-        x, y, ShardedBatchSampler(len(y), bs, rank, world, train=train, seed=cfg.seed), mean, std, device,
+        x, y, ShardedBatchSampler(len(y), bs, rank, world, train=train, seed=cfg.seed, accum=cfg.grad_accum_steps),
+        mean, std, device,
         augment=cfg.augment if train else "none", image_size=cfg.image_size,
     )
     num_classes = cfg.num_classes or int(max(ytr.max(), yte.max())) + 1
@@ -346,12 +367,11 @@ def _build_folder(cfg, rank: int, world: int, device: torch.device) -> DataBundl
     labels = torch.tensor(train.targets)
     keep = imbalance_indices(labels, cfg.imbalance, cfg.seed)
     if cfg.train_subset:
-        keep = keep[: cfg.train_subset]
+        keep = _subset(keep, cfg.train_subset, cfg.seed)
     train_set = torch.utils.data.Subset(train, keep.tolist())
     make = lambda ds, bs, is_train: FolderLoader(  # noqa: E731
-        ds, ShardedBatchSampler(len(ds), bs, rank, world, train=is_train, seed=cfg.seed), device, cfg.num_workers)
+        ds, ShardedBatchSampler(len(ds), bs, rank, world, train=is_train, seed=cfg.seed, accum=cfg.grad_accum_steps),
+        device, cfg.num_workers)
     return DataBundle(make(train_set, cfg.batch_size, True), make(val, cfg.eval_batch_size or cfg.batch_size, False),
                       cfg.num_classes or len(train.classes), 3, labels[keep], len(keep))
 
-
-Transform = Callable[[torch.Tensor], torch.Tensor]

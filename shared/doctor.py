@@ -170,9 +170,12 @@ def check_accelerate_yaml(path: str | Path, cfg: Any, machine: bool = True) -> l
                         "(the default, pdsh, breaks under Slurm)")
     if kind == "DEEPSPEED" and "deepspeed_config_file" in ds_yaml:
         json_path = Path(ds_yaml["deepspeed_config_file"])
-        if not json_path.is_absolute() and not json_path.exists():
-            json_path = path.parent / json_path  # relative to the YAML is a common expectation
-        problems += check_deepspeed_json(json_path, cfg, procs, machine)
+        if json_path.is_file():
+            problems += check_deepspeed_json(json_path, cfg, procs, machine)
+        else:
+            problems.append(f"{path}: deepspeed_config_file {json_path} not found from {Path.cwd()}; accelerate opens "
+                            "it relative to the directory you launch from (the repository root for the shipped "
+                            "configs): launch from there or give an absolute path")
     if machine:
         if precision == "fp16" and not cuda_available():
             problems.append(f"{path}: mixed_precision fp16 needs a CUDA GPU and this machine has none (Accelerate "
@@ -183,23 +186,76 @@ def check_accelerate_yaml(path: str | Path, cfg: Any, machine: bool = True) -> l
             per_node = procs // max(machines, 1)
             if per_node > torch.cuda.device_count():
                 problems.append(f"{path}: {per_node} processes per machine but only {torch.cuda.device_count()} GPU(s) here")
-        problems += check_slurm(procs, machines, str(path))
+        problems += check_slurm(procs, machines, str(path), distributed_type=kind)
     return problems
 
 
-def check_slurm(num_processes: int, num_machines: int, where: str) -> list[str]:
-    """Inside a Slurm allocation, the launch must match the nodes (and GPUs) allocated."""
-    if "SLURM_JOB_ID" not in os.environ or "SLURM_NNODES" not in os.environ:
+def check_slurm(num_processes: int, num_machines: int, where: str, distributed_type: str | None = None,
+                config: dict | None = None) -> list[str]:
+    """Inside a Slurm job, the launch must fit the allocation: nodes, tasks and GPUs (or CPUs) per node.
+
+    ``num_processes``/``num_machines`` are what the launch will start (the
+    accelerate config plus any command-line overrides). Job-level variables are
+    read, so the check gives the same answer in the batch script and inside an
+    ``srun`` step. Each problem names both numbers and the Slurm variable.
+    """
+    import re
+
+    env = os.environ
+    if "SLURM_JOB_ID" not in env:
         return []
-    nodes = int(os.environ["SLURM_NNODES"])
+
+    def counts(name: str) -> list[int]:  # "4", "gpu:a100:4", "2(x3),1" -> [4], [4], [2, 2, 2, 1]
+        value = env.get(name, "")
+        if ":" in value:
+            value = value.rsplit(":", 1)[1]
+        out = []
+        for num, times in re.findall(r"(\d+)(?:\(x(\d+)\))?", value):
+            out += [int(num)] * int(times or 1)
+        return out
+
+    node_var = "SLURM_JOB_NUM_NODES" if "SLURM_JOB_NUM_NODES" in env else "SLURM_NNODES"
+    if not counts(node_var):
+        return []
+    nodes = counts(node_var)[0]
+    machines = max(num_machines, 1)
+    per_node, uneven = divmod(num_processes, machines)
+    launch = f"{num_processes} process(es) on {num_machines} machine(s)"
     problems = []
     if num_machines != nodes:
+        effect = ("the launch would wait for machines that never start" if num_machines > nodes
+                  else "nodes would sit idle")
         problems.append(f"{where}: num_machines is {num_machines} but the Slurm allocation has {nodes} node(s) "
-                        "(SLURM_NNODES); use the slurm/ templates, which compute it")
-    gpus = os.environ.get("SLURM_GPUS_ON_NODE")
-    if gpus and gpus.isdigit() and num_processes != int(gpus) * nodes:
-        problems.append(f"{where}: num_processes is {num_processes} but the allocation has {gpus} GPU(s) on each of "
-                        f"{nodes} node(s) = {int(gpus) * nodes}")
+                        f"({node_var}={nodes}): {effect}; the slurm/ templates pass --num_machines from the allocation")
+    if uneven:
+        problems.append(f"{where}: num_processes {num_processes} is not a multiple of num_machines {num_machines}")
+    gpu_var = "SLURM_GPUS_ON_NODE" if counts("SLURM_GPUS_ON_NODE") else "SLURM_GPUS_PER_NODE"
+    gpus = counts(gpu_var)[0] if counts(gpu_var) else 0
+    # Tasks per node is the job's own value only in the batch script (an srun step has its own).
+    tasks = counts("SLURM_NTASKS_PER_NODE") if "SLURM_STEP_ID" not in env else []
+    slots = gpus or (tasks[0] if tasks else 1)
+    if distributed_type == "NO" and (nodes > 1 or slots > 1 or num_processes > 1):
+        problems.append(f"{where}: distributed_type 'NO' runs a single process, but the allocation has {nodes} "
+                        f"node(s) x {slots} {'GPU(s)' if gpus else 'task(s)'} per node: every node would train "
+                        "alone as rank 0; use a multi-process config (e.g. cpu_ddp.yaml, multi_gpu.yaml, "
+                        "multinode_ddp.yaml) or ask for one node with one task/GPU")
+    elif gpus and per_node != gpus:
+        problems.append(f"{where}: {per_node} process(es) per node ({launch}) but the allocation has {gpus} GPU(s) "
+                        f"per node ({gpu_var}={env[gpu_var]}); use one process per GPU")
+    if tasks and tasks[0] > 1 and per_node != tasks[0] and distributed_type != "NO":
+        problems.append(f"{where}: {per_node} process(es) per node ({launch}) but the allocation has {tasks[0]} "
+                        f"task(s) per node (SLURM_NTASKS_PER_NODE={tasks[0]}); ask for one task per process "
+                        "(CPU nodes) or one task per node (GPU nodes, --gpus-per-node sets the processes)")
+    cpus = counts("SLURM_JOB_CPUS_PER_NODE") or counts("SLURM_CPUS_ON_NODE")
+    if not gpus and cpus and per_node > min(cpus):
+        problems.append(f"{where}: {per_node} process(es) per node ({launch}) but only {min(cpus)} CPU(s) "
+                        f"allocated per node (SLURM_JOB_CPUS_PER_NODE={env.get('SLURM_JOB_CPUS_PER_NODE', cpus[0])}): "
+                        "processes would share cores; ask for --ntasks-per-node/--cpus-per-task to match")
+    ds = (config or {}).get("deepspeed_config") or {}
+    if distributed_type == "DEEPSPEED" and nodes > 1 and ds.get("deepspeed_multinode_launcher", "pdsh") != "standard":
+        problems.append(f"{where}: DeepSpeed on {nodes} nodes needs deepspeed_config: deepspeed_multinode_launcher: "
+                        "standard (one launcher per node through srun); the default, pdsh, ssh-es into the nodes "
+                        "itself and hangs or fails under Slurm")
     return problems
 
 
@@ -214,9 +270,13 @@ def check_launch(cfg: Any) -> None:
         problems.append("the accelerate config asks for mixed_precision fp16 (ACCELERATE_MIXED_PRECISION=fp16) but "
                         "this machine has no CUDA GPU, so it would silently train in fp32; use bf16 "
                         "(accelerate_configs/bf16.yaml)")
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
+    if deepspeed and os.environ.get("ACCELERATE_USE_CPU", "false").lower() in ("1", "true", "yes"):
+        problems.append("ACCELERATE_USE_CPU is set beside a DeepSpeed config: Accelerate would silently drop "
+                        "DeepSpeed; unset ACCELERATE_USE_CPU (the recipes run DeepSpeed on CPU with gloo by themselves)")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     ds_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true" and ds_file and ds_file != "none":
+    if deepspeed and ds_file and ds_file != "none":
         problems += check_deepspeed_json(ds_file, cfg, world)
     if "LOCAL_WORLD_SIZE" in os.environ:
         problems += check_slurm(world, world // int(os.environ["LOCAL_WORLD_SIZE"]), "the launch")
@@ -229,8 +289,8 @@ def check_processes(accelerator) -> None:
     if launched != accelerator.num_processes:
         _raise([f"the launcher started {launched} processes but this one sees a world of "
                 f"{accelerator.num_processes} (rank {accelerator.process_index}): every process would train "
-                "the same samples. On a machine without GPUs use distributed_type: MULTI_GPU with the recipes "
-                "(they switch to gloo on CPU) or set ACCELERATE_USE_CPU=1"])
+                "the same samples. On a machine without GPUs use an accelerate config with distributed_type: "
+                "MULTI_GPU (the recipes switch to gloo on CPU by themselves), e.g. accelerate_configs/cpu_ddp.yaml"])
 
 
 # --------------------------------------------------------------------------- CLI
@@ -245,6 +305,7 @@ def load_recipe_config(recipe: str, yaml_path: str | None):
         path = Path(__file__).resolve().parents[1] / "recipes" / f"{recipe}.py"
     spec = importlib.util.spec_from_file_location(f"recipe_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
     spec.loader.exec_module(module)
     return module.Config(**(load_yaml(yaml_path, module.Config) if yaml_path else {}))
 

@@ -57,9 +57,9 @@ def create_model(name: str, num_classes: int, in_chans: int, pretrained: bool = 
                  checkpoint: str | None = None) -> nn.Module:
     """Any timm model by name; ``checkpoint`` loads a local weights file instead of the hub."""
     if name not in timm.list_models() and not timm.is_model(name):
-        from shared.config import closest
+        from shared.config import ConfigError, closest
 
-        raise ValueError(f"unknown model '{name}'{closest(name, timm.list_models())}; see timm.list_models()")
-    overlay = dict(file=checkpoint) if checkpoint else None
+        raise ConfigError(f"unknown model '{name}'{closest(name, timm.list_models())}; see timm.list_models()")
+    overlay = dict(file=checkpoint, num_classes=num_classes) if checkpoint else None  # keep the trained head
     return timm.create_model(name, pretrained=pretrained or bool(checkpoint), pretrained_cfg_overlay=overlay,
                              num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate)

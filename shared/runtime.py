@@ -9,10 +9,6 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs
 
-# Exit code of a run that checkpointed and stopped before its end (signal or
-# --stop-after-steps): "temporary failure, run again to resume" (sysexits EX_TEMPFAIL).
-EXIT_RESUMABLE = 75
-
 
 def using_deepspeed() -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"

@@ -46,6 +46,7 @@ def start_tracking(accelerator: Accelerator, cfg, run_dir: Path, config: dict) -
     mode = wandb_mode()
     rid = run_id(run_dir) if accelerator.is_main_process else None
     if mode == "offline":
-        accelerator.print(f"W&B: offline (no WANDB_API_KEY or ~/.netrc entry); later run `wandb sync {run_dir}/wandb/offline-run-*`")
+        why = "WANDB_MODE=offline" if os.environ.get("WANDB_MODE") else "no WANDB_API_KEY or ~/.netrc entry"
+        accelerator.print(f"W&B: offline ({why}); upload later with `wandb sync {run_dir}/wandb/offline-run-*`")
     init = {"id": rid, "resume": "allow", "dir": str(run_dir), "mode": mode, "name": cfg.run_name or run_dir.name}
     accelerator.init_trackers(cfg.project, config=config, init_kwargs={"wandb": init})
