@@ -27,7 +27,8 @@ if str(ROOT) not in sys.path:
 
 RESULTS = ROOT / "benchmarks" / "results"  # machine-readable results (JSON), kept in git
 DOCS = ROOT / "docs"  # plots (PNG) shown in docs/performance.md
-SCRATCH = ROOT / "runs" / "benchmarks"  # run folders of launched recipes (git-ignored)
+# run folders of launched recipes (git-ignored); BENCH_SCRATCH moves them (the tests use a temporary folder)
+SCRATCH = Path(os.environ.get("BENCH_SCRATCH") or ROOT / "runs" / "benchmarks")
 BIN = Path(sys.executable).parent
 CONFIGS = ROOT / "accelerate_configs"
 RECIPE = ROOT / "recipes" / "image_classification.py"
@@ -88,13 +89,45 @@ def machine_info() -> dict[str, Any]:
 
 def command_line() -> str:
     """The command that produced a result, as a user would type it from the repository root."""
+    if os.environ.get("BENCH_COMMAND"):  # set by relaunch(): the command the user typed
+        return os.environ["BENCH_COMMAND"]
     script = Path(sys.argv[0]).resolve()
     try:
         script = script.relative_to(ROOT)
     except ValueError:
         pass
-    launcher = os.environ.get("BENCH_LAUNCH_PREFIX", ".venv/bin/python")
+    launcher = ".venv/bin/python"
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        launcher = f".venv/bin/accelerate launch --num_processes {os.environ['WORLD_SIZE']}"
     return " ".join([launcher, str(script), *sys.argv[1:]])
+
+
+def launched() -> bool:
+    """True inside ``accelerate launch`` / torchrun (the launcher sets WORLD_SIZE)."""
+    return "WORLD_SIZE" in os.environ
+
+
+def relaunch(processes: int, config: str = "cpu_ddp.yaml", drop: Sequence[str] = ("--processes",)) -> int:
+    """Run this script again under ``accelerate launch`` with ``processes`` processes; return its exit code.
+
+    Lets a benchmark offer ``--processes 2`` as one command. ``drop`` names
+    options (with one value) removed from the re-launched command line.
+    """
+    argv, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+            continue
+        if arg in drop:
+            skip = True
+            continue
+        if any(arg.startswith(d + "=") for d in drop):
+            continue
+        argv.append(arg)
+    cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(CONFIGS / config), "--num_processes", str(processes),
+           "--main_process_port", str(free_port()), str(Path(sys.argv[0]).resolve()), *argv]
+    env = {**os.environ, "BENCH_COMMAND": command_line(), "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(cmd, cwd=ROOT, env=env).returncode
 
 
 # --------------------------------------------------------------------------- output
@@ -179,22 +212,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(config: str, args: Sequence[str], *, script: Path = RECIPE, launch_args: Sequence[str] = (),
+def launch(config: str | None, args: Sequence[str], *, script: Path = RECIPE, launch_args: Sequence[str] = (),
            env: dict | None = None, timeout: float = 3600, echo: bool = False) -> dict:
-    """``accelerate launch --config_file accelerate_configs/<config> script args``, timing every output line.
+    """``accelerate launch --config_file accelerate_configs/<config> script args`` (``config=None``: plain python).
 
-    Returns the exit code, the output and ``lines``: (seconds since the launch
-    started, line) for every line, so a benchmark can read when each epoch
-    ended from the outside, start-up included.
+    See :func:`run_timed` for what it returns.
     """
-    cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(CONFIGS / config),
-           "--main_process_port", str(free_port()), *launch_args, str(script), *args]
+    if config is None:
+        cmd = [sys.executable, str(script), *args]
+    else:
+        cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(CONFIGS / config),
+               "--main_process_port", str(free_port()), *launch_args, str(script), *args]
+    return run_timed(cmd, env=env, timeout=timeout, echo=echo)
+
+
+def run_timed(cmd: Sequence[str], *, env: dict | None = None, timeout: float = 3600, echo: bool = False) -> dict:
+    """Run ``cmd`` from the repository root, time-stamping every output line as it arrives.
+
+    Returns the exit code, the output and ``lines``: (seconds since the start,
+    line) for every line, so a benchmark can read when each epoch ended from
+    the outside, start-up included.
+    """
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_SILENT": "true",
                 "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/torch_extensions")),
                 **(env or {})}
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            bufsize=1)
+    proc = subprocess.Popen(list(cmd), cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, bufsize=1)
     lines = []
     try:
         for raw in proc.stdout:
@@ -211,8 +255,20 @@ def launch(config: str, args: Sequence[str], *, script: Path = RECIPE, launch_ar
         if proc.poll() is None:
             proc.kill()
     output = "\n".join(line for _, line in lines)
-    return {"cmd": cmd, "returncode": proc.returncode, "seconds": time.perf_counter() - start,
+    return {"cmd": list(cmd), "returncode": proc.returncode, "seconds": time.perf_counter() - start,
             "lines": lines, "output": output}
+
+
+def short_command(cmd: Sequence[str]) -> str:
+    """A launched command as a user would type it from the repository root."""
+    out = []
+    for i, c in enumerate(cmd):
+        c = str(c)
+        if i == 0:
+            c = ".venv/bin/" + Path(c).name
+        out.append(c.replace(str(ROOT) + "/", ""))
+    text = " ".join(out)
+    return re.sub(r" --main_process_port \d+", "", text)
 
 
 def check_launch(run: dict) -> None:

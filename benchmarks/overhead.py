@@ -2,9 +2,9 @@
 
     .venv/bin/python benchmarks/overhead.py                  # default job, 1 process (2 threads)
     .venv/bin/python benchmarks/overhead.py --quick          # a few steps: checks that it runs
-    BENCH_LAUNCH_PREFIX="accelerate launch --config_file accelerate_configs/cpu_ddp.yaml" \\
-        .venv/bin/accelerate launch --config_file accelerate_configs/cpu_ddp.yaml benchmarks/overhead.py
-                                                             # 2 processes: recipe DDP vs hand-written DDP
+    .venv/bin/python benchmarks/overhead.py --processes 2    # 2 processes (accelerate_configs/cpu_ddp.yaml):
+                                                             # recipe DDP vs hand-written DDP, 1 thread each
+    .venv/bin/accelerate launch --config_file CONFIG benchmarks/overhead.py   # any other non-DeepSpeed config
 
 The recipe arm is the real loop: ``shared.engine.train_one_epoch`` driven by an
 Accelerator from ``shared.runtime.create_accelerator``, the TensorLoader from
@@ -28,6 +28,7 @@ changes to shared/ (see ``VARIANTS``); the repository's files are not changed.
 from __future__ import annotations
 
 import argparse
+import copy
 import cProfile
 import io
 import pstats
@@ -74,15 +75,33 @@ def _lazy_stop(arm: "RecipeArm") -> None:
     arm.stop.requested = requested
 
 
+@variant("recipe+device-data", "the uint8 data set is moved to the device once and batches are gathered there "
+                                "(no per-step host-to-device copy; a no-op on CPU)")
+def _device_data(arm: "RecipeArm") -> None:
+    arm.loader.images = arm.loader.images.to(arm.accelerator.device)
+    arm.loader.labels = arm.loader.labels.to(arm.accelerator.device)
+
+
+@variant("recipe+lazy-stop+device-data", "both of the above")
+def _both(arm: "RecipeArm") -> None:
+    _lazy_stop(arm)
+    _device_data(arm)
+
+
 class RecipeArm:
     """The recipe's loop: engine.train_one_epoch plus the per-step work of the recipe's main()."""
 
     name = "recipe"
 
-    def __init__(self, recipe, cfg, accelerator, data):
-        self.recipe, self.cfg, self.accelerator, self.data = recipe, cfg, accelerator, data
+    def __init__(self, recipe, cfg, accelerator, data, model_hook=None):
+        self.recipe, self.cfg, self.accelerator = recipe, cfg, accelerator
+        # this arm's own loader and sampler (a variant may change them), over the same tensors
+        self.loader = copy.copy(data.train)
+        self.loader.sampler = copy.copy(data.train.sampler)
         torch.manual_seed(cfg.seed)
         model = create_model(cfg.model, data.num_classes, data.in_chans, cfg.pretrained, cfg.drop_rate)
+        if model_hook is not None:  # e.g. channels_last or torch.compile (benchmarks/gpu_suite.py)
+            model = model_hook(model)
         optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
         self.scheduler, _ = create_scheduler_v2(
             optimizer, sched=cfg.sched, num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs, min_lr=cfg.min_lr,
@@ -97,10 +116,10 @@ class RecipeArm:
         self.stats = None
 
     def _new_epoch(self) -> None:
-        self.data.train.sampler.set_epoch(self.progress.epoch)
+        self.loader.sampler.set_epoch(self.progress.epoch)
         self.stats = engine.EpochStats()
         self.epoch_iter = engine.train_one_epoch(
-            self.model, self.data.train, self.optimizer, self.scheduler, self.criterion, self.accelerator,
+            self.model, self.loader, self.optimizer, self.scheduler, self.criterion, self.accelerator,
             self.progress, clip_grad=self.cfg.clip_grad, check_every=self.cfg.log_every, stats=self.stats)
 
     def run(self, steps: int) -> int:
@@ -178,6 +197,8 @@ def parse_args(argv=None):
                         "(default job: small_cnn, batch 128, SGD, cosine, Fashion-MNIST)")
     p.add_argument("--profile", action="store_true", help="also cProfile one round of each arm and print the top functions")
     p.add_argument("--profile-top", type=int, default=15, help="functions listed per profile")
+    p.add_argument("--processes", type=int, default=1,
+                   help="re-launch under accelerate launch with accelerate_configs/cpu_ddp.yaml and N processes")
     p.add_argument("--quick", action="store_true", help="tiny run (2 rounds of 3 steps) to check the script works")
     p.add_argument("--out", default=None, help="JSON result (default benchmarks/results/overhead_<N>proc.json)")
     p.add_argument("--plot", default=None, help="PNG plot (default docs/overhead_<N>proc.png; 'none' for no plot)")
@@ -322,6 +343,8 @@ def make_plot(result: dict, path: Path) -> None:
 
 
 if __name__ == "__main__":
+    if parse_args().processes > 1 and not common.launched():
+        sys.exit(common.relaunch(parse_args().processes))
     main()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

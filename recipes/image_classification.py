@@ -114,6 +114,7 @@ def main(cfg: Config) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     accelerator = create_accelerator(cfg.grad_accum_steps, cfg.tracker, str(run_dir))
     doctor.check_processes(accelerator)  # every rank sees the world the launcher started
+    stop = StopSignal(accelerator)  # SIGUSR1/SIGTERM from now on: checkpoint at the next step and stop
     set_seed(cfg.seed, device_specific=True)
 
     data = build_data(cfg, accelerator.process_index, accelerator.num_processes, accelerator.device)
@@ -153,7 +154,6 @@ def main(cfg: Config) -> dict:
     if accelerator.is_main_process:
         save_yaml(cfg, run_dir / "config.yaml")
     tracking.start_tracking(accelerator, cfg, run_dir, {**to_dict(cfg), **run_info})
-    stop = StopSignal(accelerator)
     trace = None
     if cfg.trace_samples:
         (run_dir / "trace").mkdir(exist_ok=True)
@@ -202,7 +202,7 @@ def main(cfg: Config) -> dict:
                           f"test_acc {metrics['test_acc']:.4f}  test_acc5 {metrics['test_acc5']:.4f}  "
                           f"lr {lr:.4g}  {epoch_ips:,.0f} img/s  {stats.seconds:.1f}s")
         record = {"epoch": progress.epoch + 1, "step": progress.global_step, "train_loss": train_loss, "lr": lr,
-                  "images_per_sec": epoch_ips, **{k: v for k, v in metrics.items() if k != "test_acc_per_class"}}
+                  "images_per_sec": epoch_ips, "wall_seconds": time.perf_counter() - wall_start, **{k: v for k, v in metrics.items() if k != "test_acc_per_class"}}
         accelerator.log(record, step=progress.global_step)
         if accelerator.is_main_process:
             with open(run_dir / "metrics.jsonl", "a") as f:

@@ -13,11 +13,30 @@
 #   ACCELERATE_CONFIG  accelerate YAML                    (default: set by each template)
 #   OUTPUT_DIR         run folder, kept across requeues   (default runs/<job name>-<job id>)
 #   VENV               a virtual environment to activate  (default: whatever is on PATH)
+#   REPO               the repository clone               (default: where you ran sbatch)
 #   MAX_RESTARTS       requeues allowed after preemption  (default 5)
+#   MAIN_ADDR          address of the first node          (default: its Slurm host name)
 #   WANDB_MODE         offline unless set (compute nodes rarely reach the internet)
 # Arguments given to `sbatch template.sh ARGS` go to the recipe (e.g. --epochs 10).
 
 log() { echo "[slurm $(date +%H:%M:%S)] $*"; }
+
+# Preemption. The trap runs when USR1 reaches this shell (it interrupts `wait` below).
+# USR1 is forwarded to every process of the job steps on all nodes: the recipes
+# checkpoint at their next optimizer step and exit; the launchers ignore it. It is
+# repeated every 30 s in case a recipe process had not yet installed its handler.
+STOP_REQUESTED=""
+on_usr1() {
+  [ -n "$STOP_REQUESTED" ] && return
+  STOP_REQUESTED=USR1
+  log "USR1: asking the training processes to checkpoint and stop"
+  ( while scancel --signal=USR1 "$SLURM_JOB_ID"; do sleep 30; done ) &
+  RESENDER=$!
+}
+trap on_usr1 USR1
+# TERM (scancel, a time limit without headroom, Slurm's own preemption) reaches every
+# process of the steps from Slurm itself: stay alive so the log says what happened.
+trap 'STOP_REQUESTED=${STOP_REQUESTED:-TERM}; log "TERM received: waiting for the checkpoint"' TERM
 
 cd "${REPO:-${SLURM_SUBMIT_DIR:-.}}" || exit 2
 if [ -n "${VENV:-}" ]; then source "$VENV/bin/activate" || exit 2; fi
@@ -40,7 +59,7 @@ launch() {
     export PROCS_PER_NODE="${SLURM_NTASKS_PER_NODE:-1}"         # CPU nodes: one process per task
   fi
   export NUM_PROCESSES=$(( NUM_MACHINES * PROCS_PER_NODE ))
-  export MAIN_ADDR; MAIN_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
+  export MAIN_ADDR; MAIN_ADDR="${MAIN_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}"
   export MAIN_PORT; MAIN_PORT="${MAIN_PORT:-$(python -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')}"
   export ACCELERATE_CONFIG OUTPUT_DIR RECIPE RECIPE_CONFIG="${RECIPE_CONFIG:-}"
   log "job $SLURM_JOB_ID restart $restart (SLURM_RESTART_COUNT=$restart, cap $MAX_RESTARTS) on $SLURM_JOB_NODELIST:" \
@@ -50,45 +69,31 @@ launch() {
   python slurm/preflight.py --config_file "$ACCELERATE_CONFIG" \
       --num_machines "$NUM_MACHINES" --num_processes "$NUM_PROCESSES" || exit 2
 
-  # Preemption: the trap runs when USR1 reaches this shell (`wait` below returns early).
-  # USR1 is forwarded to every process of the job steps on all nodes: the recipes
-  # checkpoint at the next optimizer step and exit; the launchers ignore it. It is
-  # repeated every 30 s in case a process had not yet installed its handler.
-  STOP_REQUESTED=""
-  on_usr1() {
-    [ -n "$STOP_REQUESTED" ] && return
-    STOP_REQUESTED=USR1
-    log "USR1: asking the training processes to checkpoint and stop"
-    ( while scancel --signal=USR1 "$SLURM_JOB_ID"; do sleep 30; done ) &
-    RESENDER=$!
-  }
-  # TERM (scancel, time limit, preemption by Slurm) already reaches every process of the
-  # steps from Slurm itself; keep this shell alive so the log says what happened.
-  trap on_usr1 USR1
-  trap 'STOP_REQUESTED=${STOP_REQUESTED:-TERM}; log "TERM received: waiting for the checkpoint"' TERM
-
   local summary_before; summary_before="$(stat -c %Y "$OUTPUT_DIR/summary.json" 2>/dev/null || echo none)"
-  # One launcher per node. The single quotes matter: $SLURM_NODEID is expanded by each
-  # task on its own node (expanded here, every node would be machine rank 0 and hang).
-  # `trap '' USR1` makes the launcher ignore USR1 (it would die of it); the recipe
-  # processes it starts install their own handler. --kill-on-bad-exit ends every node
-  # when one fails, instead of waiting for the wall-clock limit.
-  srun --nodes="$NUM_MACHINES" --ntasks="$NUM_MACHINES" --ntasks-per-node=1 \
-       --cpus-per-task="$SLURM_CPUS_ON_NODE" --kill-on-bad-exit=1 --unbuffered \
-    bash -c 'trap "" USR1
-      echo "[slurm] node $SLURMD_NODENAME: machine_rank $SLURM_NODEID of $NUM_MACHINES, $PROCS_PER_NODE process(es)"
-      exec accelerate launch --config_file "$ACCELERATE_CONFIG" \
-        --num_machines "$NUM_MACHINES" --num_processes "$NUM_PROCESSES" --machine_rank "$SLURM_NODEID" \
-        --main_process_ip "$MAIN_ADDR" --main_process_port "$MAIN_PORT" \
-        "recipes/$RECIPE.py" ${RECIPE_CONFIG:+-c "$RECIPE_CONFIG"} --output-dir "$OUTPUT_DIR" "$@"' \
-    launcher "$@" &
-  local step=$! rc
-  while :; do  # a trapped signal interrupts `wait`: wait again until srun has really ended
-    wait "$step"; rc=$?
-    kill -0 "$step" 2>/dev/null || break
-  done
+  local step rc=75
+  if [ -z "$STOP_REQUESTED" ]; then  # (a stop asked for during the preflight: requeue at once)
+    # One launcher per node. The single quotes matter: $SLURM_NODEID is expanded by each
+    # task on its own node (expanded here, every node would be machine rank 0 and hang).
+    # `trap '' USR1` makes the launcher ignore USR1 (it would die of it); the recipe
+    # processes it starts install their own handler. --kill-on-bad-exit ends every node
+    # when one fails, instead of waiting for the wall-clock limit.
+    srun --nodes="$NUM_MACHINES" --ntasks="$NUM_MACHINES" --ntasks-per-node=1 \
+         --cpus-per-task="$SLURM_CPUS_ON_NODE" --kill-on-bad-exit=1 --unbuffered \
+      bash -c 'trap "" USR1
+        echo "[slurm] node $SLURMD_NODENAME: machine_rank $SLURM_NODEID of $NUM_MACHINES, $PROCS_PER_NODE process(es)"
+        exec accelerate launch --config_file "$ACCELERATE_CONFIG" \
+          --num_machines "$NUM_MACHINES" --num_processes "$NUM_PROCESSES" --machine_rank "$SLURM_NODEID" \
+          --main_process_ip "$MAIN_ADDR" --main_process_port "$MAIN_PORT" \
+          "recipes/$RECIPE.py" ${RECIPE_CONFIG:+-c "$RECIPE_CONFIG"} --output-dir "$OUTPUT_DIR" "$@"' \
+      launcher "$@" &
+    step=$!
+    while :; do  # a trapped signal interrupts `wait`: wait again until srun has really ended
+      wait "$step"; rc=$?
+      kill -0 "$step" 2>/dev/null || break
+    done
+  fi
   [ -n "${RESENDER:-}" ] && kill "$RESENDER" 2>/dev/null
-  trap - USR1 TERM
+  trap '' USR1 TERM  # from here on, a late signal must not kill the requeue logic
 
   local summary_after; summary_after="$(stat -c %Y "$OUTPUT_DIR/summary.json" 2>/dev/null || echo none)"
   if [ "$summary_after" != none ] && [ "$summary_after" != "$summary_before" ]; then

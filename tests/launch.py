@@ -37,12 +37,13 @@ def free_port() -> int:
 
 
 def launch(config: str, out_dir: Path, *args: str, recipe: str = "image_classification", launch_args=(),
-           env: dict | None = None, timeout: int = 600, check: bool = True) -> Run:
+           env: dict[str, str | None] | None = None, timeout: int = 600, check: bool = True) -> Run:
     """``accelerate launch --config_file accelerate_configs/<config> recipes/<recipe>.py --output-dir out_dir args``."""
     cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(CONFIGS / config),
            "--main_process_port", str(free_port()), *launch_args,
            str(RECIPES / f"{recipe}.py"), "--output-dir", str(out_dir), *args]
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    merged = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env = {k: v for k, v in merged.items() if v is not None}  # None unsets a variable
     proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
     run = Run(proc.returncode, proc.stdout + proc.stderr, Path(out_dir))
     if check and proc.returncode != 0:

@@ -59,12 +59,14 @@ def _exe(name: str) -> str:
 
 
 def _alive(pidfile: Path) -> bool:
+    """The daemon named by the pid file runs (not a recycled pid, not a zombie)."""
     try:
         pid = int(pidfile.read_text().split()[0])
-        os.kill(pid, 0)
+        status = Path(f"/proc/{pid}/status").read_text()
     except (OSError, ValueError, IndexError):
         return False
-    return Path(f"/proc/{pid}/status").is_file() and "zombie" not in Path(f"/proc/{pid}/status").read_text()
+    name = re.search(r"^Name:\s*(\S+)", status, re.M)
+    return bool(name) and pidfile.name.startswith(name.group(1)[:15]) and "zombie" not in status
 
 
 def node_cpus(node: str) -> set[int] | None:
@@ -97,7 +99,7 @@ class Cluster:
         return f"""\
 # Written by tests/slurm_cluster.py: two simulated nodes on 127.0.0.1.
 ClusterName=vrtest
-SlurmctldHost={socket.gethostname()}(127.0.0.1)
+SlurmctldHost={socket.gethostname().split('.')[0]}(127.0.0.1)
 SlurmctldPort={CTLD_PORT}
 SlurmUser=root
 SlurmdUser=root
@@ -222,6 +224,10 @@ PartitionName=debug Nodes={",".join(NODES)} Default=YES MaxTime=INFINITE State=U
                     time.sleep(0.1)
 
     # ------------------------------------------------------------------ jobs
+
+    def busy(self) -> bool:
+        """Jobs are queued or running (perhaps another session's)."""
+        return bool(self._run("squeue", "-h", check=False).stdout.strip())
 
     def node_states(self) -> dict[str, str]:
         proc = self._run("sinfo", "-h", "-N", "-o", "%N %t", check=False)

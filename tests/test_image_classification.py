@@ -255,7 +255,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 
 
 def test_wandb_offline_keeps_its_run_id_across_a_resume(tmp_path):
-    env = {"HOME": str(tmp_path / "home"), "WANDB_API_KEY": "", "WANDB_MODE": ""}
+    env = {"HOME": str(tmp_path / "home"), "WANDB_API_KEY": None, "WANDB_MODE": None}
     (tmp_path / "home").mkdir()
     args = [*QUICK, "--tracker", "wandb", "--epochs", "2"]
     first = launch("cpu_ddp.yaml", tmp_path / "run", *args, "--stop-after-steps", "5", env=env)
@@ -353,3 +353,23 @@ def test_inconsistent_deepspeed_json_is_refused(tmp_path, changes, message):
 def test_unknown_option_suggests_the_closest(tmp_path):
     run = launch("cpu_ddp.yaml", tmp_path, "--bach-size", "8", check=False)
     assert run.returncode != 0 and "unknown option '--bach-size'" in run.output and "--batch-size" in run.output
+
+
+# --------------------------------------------------------------------------- GPU only
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config,precision", [("fp16.yaml", "fp16"), ("multi_gpu.yaml", "no"), ("bf16.yaml", "bf16")])
+def test_gpu_configs_train(tmp_path, config, precision):
+    gpus = str(min(2, torch.cuda.device_count()))
+    run = launch(config, tmp_path, *ARGS, launch_args=["--num_processes", gpus])
+    assert run.summary["mixed_precision"] == precision and run.summary["world_size"] == int(gpus)
+    assert run.summary["test_acc"] > 0.6
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", ["zero2.yaml", "zero3_offload.yaml"])
+def test_gpu_deepspeed_fp16(tmp_path, config):
+    gpus = str(min(2, torch.cuda.device_count()))
+    run = launch(config, tmp_path, *ARGS, launch_args=["--num_processes", gpus, "--mixed_precision", "fp16"])
+    assert run.summary["mixed_precision"] == "fp16" and run.summary["test_acc"] > 0.6

@@ -127,7 +127,7 @@ def cluster():
         pytest.skip(reason)
     c = Cluster().start()
     yield c
-    if c.started_here:
+    if c.started_here and not c.busy():  # leave a cluster that others are using
         c.stop()
 
 
@@ -180,24 +180,24 @@ def test_preempted_job_checkpoints_requeues_and_resumes_bit_identical(cluster, r
     job.wait_for_checkpoint(5)  # training is under way, in the first epoch
     signalled = time.time()
     subprocess.run(["scancel", "--signal=USR1", "--batch", str(job.id)], env=cluster.env(), check=True)
-    # The job checkpoints, requeues itself, runs again and finishes.
-    cluster.wait_for(job.id, lambda i: i.get("Restarts") == "1", JOB_TIMEOUT, "a requeue")
+    # The job checkpoints at step K, mid-epoch, and requeues itself (it is pending now, not yet restarted).
+    cluster.wait_for(job.id, lambda i: i.get("Restarts") == "1", JOB_TIMEOUT, "requeue")
+    stopped = re.findall(r"stopping on SIGUSR1: checkpoint (\S+) saved at step (\d+)", job.log)
+    assert len(stopped) == 1, job.log[-6000:]
+    ckpt, step = Path(stopped[0][0]), int(stopped[0][1])
+    assert 5 <= step < STEPS_PER_EPOCH
+    progress = json.loads((ckpt / "progress.json").read_text())  # "which step it reached"
+    assert progress == {"epoch": 0, "batch": step, "global_step": step, "samples": step * 100}
+    seconds = (ckpt / "progress.json").stat().st_mtime - signalled
+    print(f"\n[slurm] preemption: signal to checkpoint (step {step}) written: {seconds:.2f} s")
+
+    # It runs again (SLURM_RESTART_COUNT=1), resumes at exactly step K and finishes.
     info = job.wait_done()
     log = job.log
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log[-6000:]
     assert "restart 0 (SLURM_RESTART_COUNT=0" in log and "restart 1 (SLURM_RESTART_COUNT=1" in log
-
-    # Stopped mid-epoch at step K on SIGUSR1; the next run resumed at exactly step K.
-    stopped = re.findall(r"stopping on SIGUSR1: checkpoint (\S+) saved at step (\d+)", log)
     resumed = re.findall(r"resumed from (\S+) \(epoch \d+, step (\d+)\)", log)
-    assert len(stopped) == 1 and len(resumed) == 1, log[-6000:]
-    step = int(stopped[0][1])
-    assert 5 <= step < STEPS_PER_EPOCH and int(resumed[0][1]) == step and resumed[0][0] == stopped[0][0]
-    ckpt = Path(stopped[0][0])
-    progress = json.loads((ckpt / "progress.json").read_text())
-    assert progress == {"epoch": 0, "batch": step, "global_step": step, "samples": step * 100}
-    seconds = (ckpt / "progress.json").stat().st_mtime - signalled
-    print(f"\n[slurm] preemption: signal to checkpoint (step {step}) written: {seconds:.2f} s")
+    assert resumed == [(str(ckpt), str(step))], log[-6000:]
 
     # Nothing trained twice or skipped: the same step count and bit-identical weights as the
     # uninterrupted job.
@@ -223,6 +223,23 @@ def test_preempted_job_checkpoints_requeues_and_resumes_bit_identical(cluster, r
     for path in job.out_dir.rglob("*"):
         if path.is_file():
             assert secret.encode() not in path.read_bytes(), path
+
+
+@pytest.mark.slurm
+def test_preemption_reaches_every_node_and_the_restart_cap_holds(cluster, tmp_path):
+    # Two nodes, one process each; no requeue allowed (MAX_RESTARTS=0).
+    job = submit(cluster, "cpu.sh", tmp_path / "capped", *ARGS, "--epochs", "50", "--tracker", "none",
+                 sbatch_args=["--nodes=2", "--ntasks-per-node=1"], MAX_RESTARTS="0")
+    job.wait_for_checkpoint(5)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", str(job.id)], env=cluster.env(), check=True)
+    info = job.wait_done()
+    log = job.log
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "75:0" and info["Restarts"] == "0", log[-6000:]
+    # Each node's recipe process got SIGUSR1 itself (one that had not would say "stopping on --stop-after-steps").
+    stops = re.findall(r"stopping on (\S+): checkpoint (\S+) saved at step (\d+)", log)
+    assert len(stops) == 2 and {s[0] for s in stops} == {"SIGUSR1"} and stops[0][1:] == stops[1][1:], stops
+    assert (Path(stops[0][1]) / "progress.json").is_file()
+    assert "restart cap MAX_RESTARTS=0 reached: not requeued" in log
 
 
 @pytest.mark.slurm
