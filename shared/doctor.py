@@ -296,18 +296,26 @@ def check_processes(accelerator) -> None:
 # --------------------------------------------------------------------------- CLI
 
 
+def load_recipe(recipe: str):
+    """A recipe script imported as a module (by name in recipes/, or by path), once."""
+    path = Path(recipe)
+    if not path.is_file():
+        path = Path(__file__).resolve().parents[1] / "recipes" / f"{recipe}.py"
+    name = f"recipe_{path.stem}"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses resolve annotations through sys.modules
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
 def load_recipe_config(recipe: str, yaml_path: str | None):
     """The recipe's Config dataclass filled from its YAML (defaults where absent)."""
     from shared.config import load_yaml
 
-    path = Path(recipe)
-    if not path.is_file():
-        path = Path(__file__).resolve().parents[1] / "recipes" / f"{recipe}.py"
-    spec = importlib.util.spec_from_file_location(f"recipe_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module.Config(**(load_yaml(yaml_path, module.Config) if yaml_path else {}))
+    config_cls = load_recipe(recipe).Config
+    return config_cls(**(load_yaml(yaml_path, config_cls) if yaml_path else {}))
 
 
 def main(argv=None) -> int:

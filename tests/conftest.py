@@ -1,7 +1,11 @@
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `shared` from any working directory
 
 # DeepSpeed's JIT-built ops land here (outside the clone) and are reused by later runs.
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/torch_extensions"))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -11,26 +10,15 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
+from shared.doctor import load_recipe  # noqa: E402
 from shared.config import ConfigError, build_parser, load_yaml, parse_config, save_yaml, to_dict  # noqa: E402
 
-
-def load_recipe(name: str = "image_classification"):
-    """The recipe module, imported from its file under a private name (not the one shared.doctor uses)."""
-    modname = f"_unit_test_recipe_{name}"
-    if modname not in sys.modules:
-        spec = importlib.util.spec_from_file_location(modname, ROOT / "recipes" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[modname] = module
-        spec.loader.exec_module(module)
-    return sys.modules[modname]
 
 
 @pytest.fixture(scope="module")
 def Config():
-    return load_recipe().Config
+    return load_recipe("image_classification").Config
 
 
 def write(path: Path, text: str) -> Path:

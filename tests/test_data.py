@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,9 +11,8 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
+from shared.doctor import load_recipe  # noqa: E402
 from shared import data  # noqa: E402
 from shared.data import (  # noqa: E402
     DataError, ShardedBatchSampler, TensorLoader, augment_batch, class_weights, imbalance_indices, read_idx, synthetic,
@@ -26,15 +23,6 @@ needs_fashion = pytest.mark.skipif(not (FASHION / "train-images-idx3-ubyte.gz").
                                    reason="Debian's dataset-fashion-mnist is not installed")
 CPU = torch.device("cpu")
 
-
-def load_recipe(name: str = "image_classification"):
-    modname = f"_unit_test_recipe_{name}"
-    if modname not in sys.modules:
-        spec = importlib.util.spec_from_file_location(modname, ROOT / "recipes" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[modname] = module
-        spec.loader.exec_module(module)
-    return sys.modules[modname]
 
 
 def idx_bytes(t: torch.Tensor) -> bytes:
@@ -380,7 +368,7 @@ def test_tensor_loader_normalises_and_resizes():
 
 
 def test_build_data_synthetic_subsets_and_shards(monkeypatch):
-    Config = load_recipe().Config
+    Config = load_recipe("image_classification").Config
     cfg = Config(dataset="synthetic", synthetic_train_size=500, synthetic_test_size=101, synthetic_shape=[3, 8],
                  num_classes=5, train_subset=300, test_subset=99, batch_size=16, eval_batch_size=10, seed=1)
     bundles = [data.build_data(cfg, r, 2, CPU) for r in range(2)]
@@ -404,7 +392,7 @@ def test_imagefolder_train_subset_is_a_random_sample(tmp_path):
             folder.mkdir(parents=True)
             for i in range(per_class):
                 Image.new("RGB", (8, 8), (i, 0, 0)).save(folder / f"{i}.png")
-    cfg = load_recipe().Config(dataset="imagefolder", data_dir=str(tmp_path), train_subset=40, image_size=8,
+    cfg = load_recipe("image_classification").Config(dataset="imagefolder", data_dir=str(tmp_path), train_subset=40, image_size=8,
                                num_workers=0, batch_size=8)
     bundle = data.build_data(cfg, 0, 1, CPU)
     assert bundle.num_train == 40 and bundle.num_classes == 2

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,9 +12,8 @@ from types import SimpleNamespace
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
+from shared.doctor import load_recipe  # noqa: E402
 from shared import doctor  # noqa: E402
 from shared.doctor import (  # noqa: E402
     PreflightError, check_accelerate_yaml, check_deepspeed_json, check_launch, check_processes, check_slurm,
@@ -29,19 +27,10 @@ HAS_CUDA = doctor.cuda_available()
 cpu_machine = pytest.mark.skipif(HAS_CUDA, reason="checks what this CPU-only machine reports")
 
 
-def load_recipe(name: str = "image_classification"):
-    modname = f"_unit_test_recipe_{name}"
-    if modname not in sys.modules:
-        spec = importlib.util.spec_from_file_location(modname, ROOT / "recipes" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[modname] = module
-        spec.loader.exec_module(module)
-    return sys.modules[modname]
-
 
 @pytest.fixture
 def cfg():
-    return load_recipe().Config()  # batch_size 128, grad_accum_steps 1, clip_grad 0.0, opt sgd
+    return load_recipe("image_classification").Config()  # batch_size 128, grad_accum_steps 1, clip_grad 0.0, opt sgd
 
 
 @pytest.fixture(autouse=True)
@@ -120,7 +109,7 @@ def test_every_deepspeed_yaml_names_an_existing_json():
 
 
 def test_recipe_yamls_agree_with_every_shipped_config():
-    recipe = load_recipe()
+    recipe = load_recipe("image_classification")
     for recipe_yaml in sorted((ROOT / "recipes" / "configs").glob("*.yaml")):
         from shared.config import load_yaml
 
@@ -275,7 +264,7 @@ def test_train_batch_size_arithmetic(cfg, tmp_path):
         f"{path}: train_batch_size is 100 but micro batch x accumulation x world size = 128 x 1 x 2 = 256; "
         "set it to \"auto\""]
     assert check_deepspeed_json(write_json(tmp_path, {"train_batch_size": 256}), cfg, 2) == []
-    accum = load_recipe().Config(batch_size=16, grad_accum_steps=4)
+    accum = load_recipe("image_classification").Config(batch_size=16, grad_accum_steps=4)
     path = write_json(tmp_path, {"train_batch_size": 64})
     assert check_deepspeed_json(path, accum, 2) == [
         f"{path}: train_batch_size is 64 but micro batch x accumulation x world size = 16 x 4 x 2 = 128; "
@@ -311,7 +300,7 @@ def test_offload_with_sgd_needs_force_false(cfg, tmp_path):
         "Adam; add \"zero_force_ds_cpu_optimizer\": false, or use --opt adamw"]
     assert check_deepspeed_json(write_json(tmp_path, {"zero_optimization": zero,
                                                       "zero_force_ds_cpu_optimizer": False}), cfg, 2) == []
-    adamw = load_recipe().Config(opt="adamw")
+    adamw = load_recipe("image_classification").Config(opt="adamw")
     assert check_deepspeed_json(write_json(tmp_path, {"zero_optimization": zero}), adamw, 2) == []
 
 

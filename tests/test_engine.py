@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,27 +12,17 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 from accelerate import Accelerator  # noqa: E402
 from accelerate.state import AcceleratorState, GradientState  # noqa: E402
 
+from shared.doctor import load_recipe  # noqa: E402
 from shared import engine  # noqa: E402
 from shared.data import ShardedBatchSampler, TensorLoader  # noqa: E402
 from shared.engine import EpochStats, NonFiniteLossError, Progress, check_finite, evaluate, loss_scale  # noqa: E402
 
 CPU = torch.device("cpu")
 
-
-def load_recipe(name: str = "image_classification"):
-    modname = f"_unit_test_recipe_{name}"
-    if modname not in sys.modules:
-        spec = importlib.util.spec_from_file_location(modname, ROOT / "recipes" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[modname] = module
-        spec.loader.exec_module(module)
-    return sys.modules[modname]
 
 
 def reset_accelerate():
@@ -129,7 +117,7 @@ def test_loss_scale_of_a_deepspeed_engine():
 
 
 def test_recipe_warns_when_the_loss_scale_collapses():
-    recipe = load_recipe()
+    recipe = load_recipe("image_classification")
     printed = []
     scaler = torch.amp.GradScaler("cpu", init_scale=0.5)
     accelerator = SimpleNamespace(scaler=scaler, mixed_precision="fp16", print=printed.append)

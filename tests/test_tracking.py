@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 from shared.tracking import RUN_ID_FILE, has_wandb_credentials, run_id, start_tracking, wandb_mode  # noqa: E402
 
