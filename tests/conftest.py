@@ -7,12 +7,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `shared` from any working directory
 
-# DeepSpeed's JIT-built ops land here (outside the clone) and are reused by later runs.
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/torch_extensions"))
 os.environ.setdefault("WANDB_SILENT", "true")
 
 
 def pytest_configure(config):
+    if config.pluginmanager.hasplugin("timeout") and not config.getoption("timeout", None):
+        config.option.timeout = 900  # a hung distributed test fails instead of blocking the run
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped on machines without one)")
     config.addinivalue_line("markers", "slurm: submits jobs to a real local Slurm cluster")
 
