@@ -194,7 +194,7 @@ def main(cfg: Config) -> dict:
         bar.close()
         train_images += stats.images * accelerator.num_processes
         train_seconds += stats.seconds
-        train_loss = stats.loss
+        train_loss = accelerator.reduce(torch.tensor(stats.loss, device=accelerator.device), "mean").item()
         metrics = engine.evaluate(model, data.test, accelerator, data.num_classes)
         lr = optimizer.param_groups[0]["lr"]
         epoch_ips = stats.images * accelerator.num_processes / max(stats.seconds, 1e-9)

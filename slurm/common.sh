@@ -69,7 +69,6 @@ launch() {
   python slurm/preflight.py --config_file "$ACCELERATE_CONFIG" \
       --num_machines "$NUM_MACHINES" --num_processes "$NUM_PROCESSES" || exit 2
 
-  local summary_before; summary_before="$(stat -c %Y "$OUTPUT_DIR/summary.json" 2>/dev/null || echo none)"
   local step rc=75
   if [ -z "$STOP_REQUESTED" ]; then  # (a stop asked for during the preflight: requeue at once)
     # One launcher per node. The single quotes matter: $SLURM_NODEID is expanded by each
@@ -95,18 +94,17 @@ launch() {
   [ -n "${RESENDER:-}" ] && kill "$RESENDER" 2>/dev/null
   trap '' USR1 TERM  # from here on, a late signal must not kill the requeue logic
 
-  local summary_after; summary_after="$(stat -c %Y "$OUTPUT_DIR/summary.json" 2>/dev/null || echo none)"
-  if [ "$summary_after" != none ] && [ "$summary_after" != "$summary_before" ]; then
+  # The recipe exits 0 both when it finishes and when it checkpointed and stopped; in the
+  # second case it leaves $OUTPUT_DIR/stopped.json (step, checkpoint, reason) behind.
+  if [ "$rc" -eq 0 ] && [ ! -f "$OUTPUT_DIR/stopped.json" ]; then
     log "training finished: $OUTPUT_DIR/summary.json"
     exit 0
   fi
-  if [ -z "$STOP_REQUESTED" ]; then
+  if [ "$rc" -ne 0 ] && [ -z "$STOP_REQUESTED" ]; then
     log "training failed (exit code $rc); not requeued: the error is above"
-    exit "$(( rc == 0 ? 1 : rc ))"
+    exit "$rc"
   fi
-  local last; last="$(ls -d "$OUTPUT_DIR"/checkpoints/step_* 2>/dev/null | tail -n 1)"
-  log "stopped on $STOP_REQUESTED; last checkpoint: ${last:-none} (the recipe processes exit with 75," \
-      "'checkpointed, resumable'; torchrun reports that as the ChildFailedError above)"
+  log "stopped on ${STOP_REQUESTED:-request}: $(cat "$OUTPUT_DIR/stopped.json" 2>/dev/null || echo 'no checkpoint marker')"
   if [ "$STOP_REQUESTED" = USR1 ]; then
     if [ "$restart" -lt "$MAX_RESTARTS" ]; then
       log "requeueing job $SLURM_JOB_ID (restart $(( restart + 1 )) of at most $MAX_RESTARTS); it resumes from that checkpoint"

@@ -186,7 +186,7 @@ PartitionName=debug Nodes={",".join(NODES)} Default=YES MaxTime=INFINITE State=U
         if not self.running():
             self.started_here = True
         self.conf.write_text(text)
-        for sub in ("ctld", "spool", "logs"):
+        for sub in ("ctld", "spool"):
             (self.dir / sub).mkdir(exist_ok=True)
         self._ensure_hosts()
         self._ensure_munge()
