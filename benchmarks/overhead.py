@@ -183,6 +183,43 @@ def profile_round(arm, steps: int, top: int) -> list[str]:
     return lines[lines.index(next(l for l in lines if "ncalls" in l)):]
 
 
+def op_counts(arm, steps: int) -> dict[str, tuple[float, float]]:
+    """torch.profiler over ``steps`` steps: op name -> (calls per step, self CPU microseconds per step)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        arm.run(steps)
+    return {e.key: (e.count / steps, e.self_cpu_time_total / steps) for e in prof.key_averages()}
+
+
+def op_diff(arms: dict, steps: int) -> list[dict]:
+    """Ops that a recipe arm runs more (or less) often per step than the plain loop: the recipe's extra work."""
+    plain = op_counts(arms["plain"], steps)
+    out = []
+    for name, arm in arms.items():
+        if name == "plain":
+            continue
+        mine = op_counts(arm, steps)
+        for op in sorted(set(mine) | set(plain)):
+            (c1, t1), (c0, t0) = mine.get(op, (0, 0)), plain.get(op, (0, 0))
+            if abs(c1 - c0) > 1e-9:
+                out.append({"arm": name, "op": op, "calls_per_step": c1, "plain_calls_per_step": c0,
+                            "self_cpu_us_per_step": t1, "plain_self_cpu_us_per_step": t0})
+    return out
+
+
+def extra_op_cost(ops: list[dict], arm: str) -> float:
+    """Microseconds per step of the ops an arm runs beyond the plain loop: extra calls x the least-disturbed per-call time."""
+    total = 0.0
+    for o in ops:
+        if o["arm"] != arm:
+            continue
+        per_call = [t / c for t, c in ((o["self_cpu_us_per_step"], o["calls_per_step"]),
+                                       (o["plain_self_cpu_us_per_step"], o["plain_calls_per_step"])) if c > 0]
+        total += (o["calls_per_step"] - o["plain_calls_per_step"]) * min(per_call)
+    return total
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=15, help="measured rounds; each arm runs --steps steps per round")
@@ -195,7 +232,9 @@ def parse_args(argv=None):
     p.add_argument("--recipe-args", default="",
                    help="extra recipe options, one string, e.g. \"--model resnet18 --augment flip\" "
                         "(default job: small_cnn, batch 128, SGD, cosine, Fashion-MNIST)")
-    p.add_argument("--profile", action="store_true", help="also cProfile one round of each arm and print the top functions")
+    p.add_argument("--profile", action="store_true",
+                   help="also cProfile one round of each arm (top functions) and list the ops (torch.profiler) that "
+                        "the recipe runs beyond the plain loop")
     p.add_argument("--profile-top", type=int, default=15, help="functions listed per profile")
     p.add_argument("--processes", type=int, default=1,
                    help="re-launch under accelerate launch with accelerate_configs/cpu_ddp.yaml and N processes")
@@ -274,10 +313,11 @@ def main(argv=None) -> dict:
         for name in recipe_arms:
             summary[name]["ratio_of_median_step_times"] = common.median(step_times["plain"]) / common.median(step_times[name])
 
-    profiles = {}
+    profiles, ops = {}, []
     if args.profile:
         for name, arm in arms.items():
             profiles[name] = profile_round(arm, args.steps, args.profile_top)
+        ops = op_diff(arms, args.steps)
 
     if not accelerator.is_main_process:
         return summary
@@ -294,6 +334,19 @@ def main(argv=None) -> dict:
     for name, lines in profiles.items():
         print(f"\ncProfile, one round of {args.steps} steps, arm {name} (top {args.profile_top} by own time):")
         print("\n".join(lines))
+    if ops:
+        print(f"\ntorch.profiler: ops whose count per step differs from the plain loop ({args.steps} steps; "
+              "the counts are exact, the times noisy):")
+        print(common.table([[o["arm"], o["op"][:60], f"{o['calls_per_step']:.2f}", f"{o['plain_calls_per_step']:.2f}",
+                             f"{o['self_cpu_us_per_step']:.0f}", f"{o['plain_self_cpu_us_per_step']:.0f}"] for o in ops],
+                           ["arm", "op", "calls/step", "plain calls/step", "self us/step", "plain self us/step"]))
+        step_us = 1e6 * cfg.batch_size * world / max(1e-9, summary["plain"]["median_images_per_sec"])
+        for name in recipe_arms:
+            extra = extra_op_cost(ops, name)
+            summary[name]["extra_ops_us_per_step"] = extra
+            print(f"{name}: extra ops cost about {extra:.0f} us per step (count difference x the cheaper of the two "
+                  f"arms' time per call), {extra / step_us:.2%} of a plain step ({step_us / 1e3:.1f} ms at the median "
+                  "plain speed)")
 
     result = {
         "setup": {"model": cfg.model, "batch_size_per_process": cfg.batch_size, "processes": world,
@@ -302,7 +355,7 @@ def main(argv=None) -> dict:
                   "recipe_args": args.recipe_args,
                   "variants": {n: VARIANTS[n][0] for n in arms if n in VARIANTS}},
         "rounds": rounds, "summary": summary, "ratio": ratio, "target": 0.95, "meets_target": ratio >= 0.95,
-        "meets_foundation_requirement": ratio >= 0.90, "profiles": profiles,
+        "meets_foundation_requirement": ratio >= 0.90, "profiles": profiles, "op_diff": ops,
     }
     out = Path(args.out or common.RESULTS / f"overhead_{world}proc.json")
     common.write_result(out, result)

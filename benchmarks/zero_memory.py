@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -37,7 +38,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 CONFIGS = {"ddp": "cpu_ddp.yaml", "zero1": "zero1.yaml", "zero2": "zero2.yaml", "zero3": "zero3.yaml"}
-STAGE = {"ddp": 0, "zero1": 1, "zero2": 2, "zero3": 3}
 
 # Parameter counts of well-known vision models (timm, ImageNet-1k heads) for the paper extrapolation.
 PAPER_MODELS = {
@@ -210,8 +210,6 @@ def bucket_config(base: str, bucket: int, scratch: Path) -> Path:
 
 def measure(name: str, config_path: Path, args) -> dict:
     run_dir = common.SCRATCH / "zero_memory" / name
-    import shutil
-
     shutil.rmtree(run_dir, ignore_errors=True)
     recipe_args = ["--dataset", "synthetic", "--synthetic-shape", "3", "32", "--model", args.model,
                    "--synthetic-train-size", str(args.steps * args.batch_size * 2), "--synthetic-test-size", "64",
@@ -259,7 +257,6 @@ def main(argv=None) -> dict:
         for name in [c.strip() for c in args.configs.split(",") if c.strip()]:
             print(f"launching {name} ...", flush=True)
             measured[name] = measure(name, common.CONFIGS / CONFIGS[name], args)
-            STAGE.setdefault(name, STAGE[name])
         for bucket in args.bucket:
             for base in ("zero2", "zero3"):
                 name = f"{base}+bucket{bucket:g}"
@@ -332,9 +329,9 @@ def main(argv=None) -> dict:
 
 def make_plot(result: dict, path: Path) -> None:
     plt = common.pyplot()
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.4))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [1.6, 1]})
     rows = result["table"]
-    parts = [("params", "parameters"), ("grads", "gradients (peak)"), ("master", "fp32 master"),
+    parts = [("params", "parameters"), ("grads", "gradients outside buckets (peak)"), ("master", "fp32 master"),
              ("optimizer_state", "optimizer state")]
     width = 0.8 / len(parts)
     for i, (key, label) in enumerate(parts):
@@ -345,13 +342,13 @@ def make_plot(result: dict, path: Path) -> None:
     top = max(max(r[k] for k, _ in parts) for r in rows) / 1e6
     for x, r in enumerate(rows):
         if r["reduce_buckets"]:
-            ax1.text(x, top * 1.04, f"+ {r['reduce_buckets'] / 1e6:,.0f}M in\nreduce buckets", ha="center",
-                     va="bottom", fontsize=6, color="C3")
+            ax1.text(x, top * 1.04, f"+{r['reduce_buckets'] / 1e6:,.0f}M\nbuckets", ha="center",
+                     va="bottom", fontsize=6.5, color="C4")
     ax1.set_ylim(0, top * 1.3)
-    ax1.set_xticks(range(len(rows)), [r["run"] for r in rows], rotation=15, fontsize=7)
+    ax1.set_xticks(range(len(rows)), [r["run"].replace("+bucket", "\nbucket ") for r in rows], fontsize=7)
     ax1.set_ylabel("million elements held by rank 0")
     ax1.set_title(f"measured: {result['setup']['model']}, {rows[0]['world']} ranks, fp32 SGD momentum", fontsize=9)
-    ax1.legend(fontsize=7, loc="upper right")
+    ax1.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=5, frameon=False)
     paper = [p for p in result["paper"] if p["world"] == result["setup"]["paper_world"]]
     for i, precision in enumerate(PRECISIONS):
         sel = [p for p in paper if p["precision"] == precision]

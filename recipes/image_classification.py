@@ -202,7 +202,8 @@ def main(cfg: Config) -> dict:
                           f"test_acc {metrics['test_acc']:.4f}  test_acc5 {metrics['test_acc5']:.4f}  "
                           f"lr {lr:.4g}  {epoch_ips:,.0f} img/s  {stats.seconds:.1f}s")
         record = {"epoch": progress.epoch + 1, "step": progress.global_step, "train_loss": train_loss, "lr": lr,
-                  "images_per_sec": epoch_ips, "wall_seconds": time.perf_counter() - wall_start, **{k: v for k, v in metrics.items() if k != "test_acc_per_class"}}
+                  "images_per_sec": epoch_ips, "train_seconds": stats.seconds,
+                  "wall_seconds": time.perf_counter() - wall_start, **{k: v for k, v in metrics.items() if k != "test_acc_per_class"}}
         accelerator.log(record, step=progress.global_step)
         if accelerator.is_main_process:
             with open(run_dir / "metrics.jsonl", "a") as f:

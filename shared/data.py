@@ -243,8 +243,8 @@ class TensorLoader:
         self.device, self.augment, self.image_size = device, augment, image_size
         self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255
         self.std = torch.tensor(std, device=device).view(1, -1, 1, 1) * 255
-        if device.type == "cuda":
-            self.images = self.images.pin_memory()
+        if device.type == "cuda":  # indexing a pinned set makes a pageable copy: keep small sets on the GPU
+            self.images, self.labels = self.images.to(device), self.labels.to(device)
 
     def __len__(self) -> int:
         return len(self.sampler)
