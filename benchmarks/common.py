@@ -181,12 +181,16 @@ def pyplot():
     return plt
 
 
-def stamp(ax_or_fig, info: dict, command: str) -> None:
-    """Write date, machine and command in small print under a figure."""
-    fig = getattr(ax_or_fig, "figure", ax_or_fig)
+def save_figure(fig, path: Path, result: dict) -> None:
+    """Write date, machine and command in small print under a figure, save it as PNG and close it."""
+    info, command = result["machine"], result["command"]
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     text = (f"{info['date']}  |  {info['cpu']}, {info['cores_usable']} cores"
             f"{', ' + info['gpu'] if info.get('gpu') else ', no GPU'}  |  load {info['load_average_1_5_15']}\n{command}")
     fig.text(0.01, 0.005, text, fontsize=6, color="0.4", va="bottom", ha="left")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)
 
 
 def median(values: Iterable[float]) -> float:

@@ -219,11 +219,7 @@ def make_plot(result: dict, path: Path) -> None:
                   f"{setup['gpu_images_per_sec']:,.0f} img/s/GPU", fontsize=9)
     ax2.legend(fontsize=7)
     ax2.grid(alpha=0.3)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
-    common.stamp(fig, result["machine"], result["command"])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, path, result)
 
 
 if __name__ == "__main__":

@@ -181,11 +181,7 @@ def make_plot(result: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")
     fig.suptitle(f"Fashion-MNIST, small_cnn, batch 128/process, {result['setup']['epochs']} epochs (cosine)", fontsize=10)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
-    common.stamp(fig, result["machine"], result["command"])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, path, result)
 
 
 if __name__ == "__main__":

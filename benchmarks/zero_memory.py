@@ -359,11 +359,7 @@ def make_plot(result: dict, path: Path) -> None:
     ax2.set_ylabel("GiB of model states per GPU")
     ax2.set_title(f"on paper: {result['setup']['paper_model']}, {result['setup']['paper_world']} GPUs", fontsize=9)
     ax2.legend(fontsize=8)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
-    common.stamp(fig, result["machine"], result["command"])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, path, result)
 
 
 if __name__ == "__main__":

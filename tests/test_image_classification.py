@@ -263,7 +263,7 @@ def test_wandb_offline_keeps_its_run_id_across_a_resume(tmp_path):
     launch("cpu_ddp.yaml", tmp_path / "run", *args, env=env)
     run_id = (tmp_path / "run" / "wandb_run_id").read_text().strip()
     offline = sorted((tmp_path / "run" / "wandb").glob("offline-run-*"))
-    assert len(offline) == 2 and all(p.name.endswith("-" + run_id) for p in offline)
+    assert len(offline) == 2 and all(re.fullmatch(rf"offline-run-\d{{8}}_\d{{6}}-{run_id}(-\d+)?", p.name) for p in offline)
 
 
 def test_wandb_key_is_never_written(tmp_path):

@@ -215,7 +215,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes_bit_identical(cluster, r
     # W&B: offline on the compute node (even with a key), one run id before and after the requeue.
     run_id = (job.out_dir / "wandb_run_id").read_text().strip()
     runs = sorted((job.out_dir / "wandb").glob("offline-run-*"))
-    assert len(runs) == 2 and all(r.name.endswith(f"-{run_id}") for r in runs), runs
+    assert len(runs) == 2 and all(re.fullmatch(rf"offline-run-\d{{8}}_\d{{6}}-{run_id}(-\d+)?", r.name) for r in runs), runs
     assert all((r / f"run-{run_id}.wandb").is_file() for r in runs)
     # ... and slurm/wandb_sync.sh would upload both parts, oldest first, into that run.
     sync = subprocess.run([str(SLURM_DIR / "wandb_sync.sh"), "--dry-run", str(job.out_dir)], env=job_env(),

@@ -192,7 +192,7 @@ def test_real_offline_run_keeps_id_and_never_writes_the_key(home, tmp_path, monk
     stored = (run_dir / RUN_ID_FILE).read_text().strip()
     assert ids == [stored, stored]
     runs = sorted((run_dir / "wandb").glob("offline-run-*"))
-    assert runs and all(p.name.endswith("-" + stored) for p in runs)
+    assert runs and all(re.fullmatch(rf"offline-run-\d{{8}}_\d{{6}}-{stored}(-\d+)?", p.name) for p in runs)
     written = [p for root in (run_dir, home) for p in root.rglob("*") if p.is_file()]
     assert any(p.suffix == ".wandb" for p in written)
     leaks = [str(p) for p in written if FAKE_KEY.encode() in p.read_bytes()]
