@@ -111,6 +111,9 @@ def main(cfg: Config) -> dict:
     wall_start = time.perf_counter()
     doctor.check_launch(cfg)  # fp16 without a GPU, DeepSpeed JSON vs recipe: before any heavy work
     run_dir = Path(cfg.output_dir)
+    if cfg.resume == "none" and checkpoint.list_checkpoints(run_dir):
+        raise ConfigError(f"--resume none, but {run_dir} holds checkpoints of an earlier run: use --resume auto "
+                          "to continue it, or another --output-dir")
     run_dir.mkdir(parents=True, exist_ok=True)
     accelerator = create_accelerator(cfg.grad_accum_steps, cfg.tracker, str(run_dir))
     doctor.check_processes(accelerator)  # every rank sees the world the launcher started
@@ -142,9 +145,6 @@ def main(cfg: Config) -> dict:
     engine.cast_buffers_to_input_dtype(accelerator, model)
 
     progress = engine.Progress()
-    if cfg.resume == "none" and checkpoint.list_checkpoints(run_dir):
-        raise ConfigError(f"--resume none, but {run_dir} holds checkpoints of an earlier run: use --resume auto "
-                          "to continue it, or another --output-dir")
     resume_from = checkpoint.resolve_resume(cfg.resume, run_dir)
     if resume_from:
         checkpoint.load_checkpoint(accelerator, resume_from, progress)

@@ -373,3 +373,26 @@ def test_gpu_deepspeed_fp16(tmp_path, config):
     gpus = str(min(2, torch.cuda.device_count()))
     run = launch(config, tmp_path, *ARGS, launch_args=["--num_processes", gpus, "--mixed_precision", "fp16"])
     assert run.summary["mixed_precision"] == "fp16" and run.summary["test_acc"] > 0.6
+
+
+def test_remaining_options_take_effect(tmp_path):
+    """Options not exercised above, launched for real and checked where they show."""
+    args = [*QUICK, "--epochs", "2", "--num-classes", "12", "--opt", "adamw", "--lr", "0.002", "--sched", "step",
+            "--warmup-epochs", "1", "--min-lr", "0.0001", "--momentum", "0.8", "--weight-decay", "0",
+            "--drop-rate", "0.1", "--augment", "flip", "--eval-batch-size", "7", "--seed", "3",
+            "--project", "p", "--run-name", "r"]
+    run = launch("cpu_ddp.yaml", tmp_path / "a", *args, "--resume", "none")
+    assert len(run.summary["test_acc_per_class"]) == 12 and run.summary["test_samples"] == 500
+    assert run.summary["test_acc"] > 0.5
+    epochs = metrics(tmp_path / "a")
+    assert epochs[0]["lr"] == pytest.approx(0.002, rel=1e-6)  # end of the 1-epoch warm-up: the peak
+    saved = yaml.safe_load((tmp_path / "a" / "config.yaml").read_text())
+    assert (saved["opt"], saved["sched"], saved["drop_rate"], saved["run_name"]) == ("adamw", "step", 0.1, "r")
+
+    # --resume PATH continues from that checkpoint; --resume none refuses a folder with checkpoints
+    first = tmp_path / "a" / "checkpoints" / "step_00000010"
+    again = launch("cpu_ddp.yaml", tmp_path / "b", *args, "--resume", str(first))
+    assert f"resumed from {first}" in again.output and again.summary["global_step"] == 20
+    assert_identical(weights(tmp_path / "a"), weights(tmp_path / "b"))
+    refused = launch("cpu_ddp.yaml", tmp_path / "a", *QUICK, "--resume", "none", check=False)
+    assert refused.returncode != 0 and "holds checkpoints of an earlier run" in refused.output
